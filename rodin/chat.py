@@ -9,6 +9,7 @@ conversations are always tokenized as one string and the loss mask comes from by
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from rodin.model import IGNORE_INDEX
@@ -48,6 +49,35 @@ def render(messages: Sequence[Message], add_generation_prompt: bool = False) -> 
     """The ChatML text of a conversation, optionally followed by the assistant header."""
     text = "".join(_turn_header(m["role"]) + m["content"] + _turn_footer() for m in messages)
     return text + (_turn_header("assistant") if add_generation_prompt else "")
+
+
+_TURN_RE = re.compile(re.escape(IM_START) + r"([^\n]*)\n(.*?)" + re.escape(IM_END) + r"\n?", re.DOTALL)
+
+
+def parse(text: str) -> list[Message]:
+    """Messages of a rendered ChatML conversation: the inverse of `render` (without a
+    trailing generation prompt). Raises ValueError on stray text between turns, an
+    unterminated turn or a trailing generation prompt.
+    """
+    if text.startswith("<s>"):  # some dumps keep the BOS piece; encoding adds its own
+        text = text[3:]
+    messages, pos = [], 0
+    for m in _TURN_RE.finditer(text):
+        stray = text[pos:m.start()]
+        if stray.strip():
+            raise ValueError(f"text outside a ChatML turn at character {pos}: {stray[:40]!r}")
+        role, content = m.group(1), m.group(2)
+        if IM_START in content:
+            raise ValueError(f"turn {len(messages)} ({role!r}) is not closed by {IM_END} before the next {IM_START}")
+        messages.append({"role": role, "content": content})
+        pos = m.end()
+    rest = text[pos:]
+    if rest.strip():
+        what = "an unterminated turn" if IM_START in rest else "text after the last turn"
+        raise ValueError(f"{what} at character {pos}: {rest[:40]!r}")
+    if not messages:
+        raise ValueError(f"no ChatML turn found ({IM_START}role\\n...{IM_END})")
+    return messages
 
 
 def _trained_spans(messages: Sequence[Message]) -> list[tuple[int, int]]:

@@ -105,3 +105,20 @@ def test_fit_to_context_drops_oldest_turns_keeps_system_and_newest(tokenizer):
     assert dropped == 0 and kept == long_conv
     with pytest.raises(ValueError, match="last message alone"):
         chat.fit_to_context(tokenizer, long_conv, 10)
+
+
+def test_parse_is_the_inverse_of_render():
+    assert chat.parse(chat.render(CONV)) == CONV
+    assert chat.parse("<s>" + chat.render(CONV[1:3])) == CONV[1:3]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("bonjour<|im_start|>user\nhi<|im_end|>\n", "outside a ChatML turn"),
+    ("<|im_start|>user\nhi", "unterminated turn"),
+    ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "unterminated turn"),
+    ("<|im_start|>user\nhi<|im_start|>assistant\nyo<|im_end|>\n", "not closed"),
+    ("du texte sans balises", "outside|after the last turn|no ChatML turn"),
+])
+def test_parse_rejects_malformed_text(bad, match):
+    with pytest.raises(ValueError, match=match):
+        chat.parse(bad)
