@@ -346,6 +346,7 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, *, tokenizer: Tok
             if src.is_dir():
                 src = src / TOKENIZER_FILE
             shutil.copyfile(src, tmp / TOKENIZER_FILE)
+        tmp.chmod(0o755)  # mkdtemp creates 0700; a model directory is meant to be shared
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -35,7 +35,7 @@ class SamplingConfig:
 class GenerationResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "eos", "stop", "length" (max_new_tokens) or "context" (window full)
+    finish_reason: str = ""  # "eos", "stop", "length" (max_new_tokens), "context" (window full) or "stopped"
     prompt_tokens: int = 0
     truncated_prompt_tokens: int = 0  # dropped from the start of the prompt to fit the window
 
@@ -129,6 +129,12 @@ class TextStream:
         self._anchor_text = tokenizer.decode([self._anchor])
         self._ids = generate_token_ids(model, prompt, max_new_tokens, sampling, stop_ids)
         self._emitted = 0  # characters of result.text already yielded
+
+    def close(self) -> None:
+        """Stop generating now (e.g. the client went away); the result keeps what was produced."""
+        self._ids.close()
+        if not self.result.finish_reason:
+            self.result.finish_reason = "stopped"
 
     def _decode(self, ids: list[int]) -> str:
         # Decoding after the last prompt token keeps a word-initial space that SentencePiece

@@ -204,13 +204,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk_size):
             hc, tc, valid = h[s:s + chunk_size], targets[s:s + chunk_size], valid_all[s:s + chunk_size]
-            logits = (hc @ w.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
+            logp = torch.log_softmax((hc @ w.t()).float(), dim=-1)  # (n, V)
             tgt = tc.clamp(min=0)
-            picked = logits.gather(1, tgt[:, None]).squeeze(1)
-            total += ((lse - picked) * valid).sum()
+            total -= (logp.gather(1, tgt[:, None]).squeeze(1) * valid).sum()
             if need_h or need_w:
-                dlogits = (logits - lse[:, None]).exp_()  # softmax
+                dlogits = logp.exp_()  # softmax, in place
                 dlogits.scatter_add_(1, tgt[:, None], -valid[:, None].to(dlogits.dtype))
                 dlogits *= (valid.to(dlogits.dtype) / n_valid)[:, None]
                 d = dlogits.to(hc.dtype)

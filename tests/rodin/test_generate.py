@@ -95,3 +95,11 @@ def test_context_window_is_never_exceeded(parrot, tokenizer, caplog):
 def test_empty_prompt_is_refused(parrot, tokenizer):
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(parrot, tokenizer, [], 5)
+
+
+def test_close_stops_a_stream_and_keeps_what_was_produced(parrot, tokenizer):
+    ts = stream(parrot, tokenizer, _prompt(tokenizer), 200)
+    first = next(iter(ts))
+    ts.close()
+    assert ts.result.finish_reason == "stopped" and MEMORIZED[5:].startswith(first)
+    assert len(ts.result.token_ids) == 0 or ts.result.token_ids[0] == tokenizer.encode(MEMORIZED, bos=True)[len(_prompt(tokenizer))]
