@@ -81,12 +81,10 @@ class Reply:
 
     def close(self) -> None:
         """Free this stream's state (its KV cache); called at the end, safe to call again."""
-        # TextStream leaves its token generator suspended after a stop; close it now rather than
-        # at interpreter shutdown, where torch's inference-mode wrapper complains.
-        ids = getattr(self._inner, "_ids", None)
-        if ids is not None and hasattr(ids, "close"):
-            with self._lock:
-                ids.close()
+        # Close the token generator now rather than at interpreter shutdown, where torch's
+        # inference-mode wrapper complains.
+        with self._lock:
+            self._inner.close()
         if self._release:
             self._release()
             self._release = None

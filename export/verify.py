@@ -195,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(rep)
         if a.json:
-            Path(a.json).write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+            out = Path(a.json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+            tmp.replace(out)
     bad = (a.min_top1 is not None and rep.top1_agreement < a.min_top1) or \
           (a.max_ppl_ratio is not None and rep.perplexity_ratio > a.max_ppl_ratio)
     return 2 if bad else 0

@@ -1,4 +1,15 @@
-import pytest
+import os
+
+# One thread per process in tests. Tests run servers, torchrun workers and llama.cpp beside
+# the test process on a 2-core machine; an oversubscribed 2-thread OpenMP team waits a
+# scheduler timeslice at every parallel region (small ops measured ~1000x slower). Set before
+# torch is imported so that subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from tests.fixtures import make_model_dir, make_tokenizer
 
