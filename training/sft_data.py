@@ -40,7 +40,6 @@ import bisect
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rodin.chat import IM_END, IM_START, ROLES, encode_conversation
+from rodin.chat import IM_END, IM_START, ROLES, encode_conversation, parse
 from rodin.model import IGNORE_INDEX
 from rodin.tokenizer import Tokenizer
 
@@ -88,36 +87,6 @@ class SFTDataError(ValueError):
 class Conversation:
     messages: list[dict]
     source: str  # "file:line"
-
-
-_TURN_RE = re.compile(r"<\|im_start\|>([^\n]*)\n(.*?)<\|im_end\|>\n?", re.S)
-
-
-def parse_chatml(text: str) -> list[dict]:
-    """Messages of a pre-rendered ChatML conversation (the inverse of `rodin.chat.render`).
-
-    Raises ValueError on anything that is not a sequence of complete turns: stray text
-    between turns, an unterminated turn, a trailing generation prompt.
-    """
-    if text.startswith("<s>"):  # some dumps keep the BOS piece; rodin.chat adds its own
-        text = text[3:]
-    messages, pos = [], 0
-    for m in _TURN_RE.finditer(text):
-        stray = text[pos:m.start()]
-        if stray.strip():
-            raise ValueError(f"text outside a ChatML turn at character {pos}: {stray[:40]!r}")
-        role, content = m.group(1), m.group(2)
-        if IM_START in content:
-            raise ValueError(f"turn {len(messages)} ({role!r}) is not closed by {IM_END} before the next {IM_START}")
-        messages.append({"role": role, "content": content})
-        pos = m.end()
-    rest = text[pos:]
-    if rest.strip():
-        what = "an unterminated turn" if IM_START in rest else "text after the last turn"
-        raise ValueError(f"{what} at character {pos}: {rest[:40]!r}")
-    if not messages:
-        raise ValueError(f"no ChatML turn found ({IM_START}role\\n...{IM_END})")
-    return messages
 
 
 def check_messages(messages: object) -> list[dict]:
@@ -176,7 +145,7 @@ def record_to_messages(record: object) -> list[dict]:
     if "text" in record:
         if not isinstance(record["text"], str):
             raise ValueError(f"'text' must be a string, got {type(record['text']).__name__}")
-        return check_messages(parse_chatml(record["text"]))
+        return check_messages(parse(record["text"]))
     raise ValueError(f"unknown record: expected 'messages', 'instruction' + 'reponse', or 'text'; "
                      f"got keys {sorted(record)[:8]}")
 

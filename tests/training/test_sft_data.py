@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rodin.chat import IM_END, IM_START, encode_conversation, render
+from rodin.chat import IM_END, IM_START, encode_conversation, parse, render
 from rodin.checkpoint import load_model
 from rodin.model import IGNORE_INDEX
 from training.sft_data import (
     Conversation, SFTBatchSource, SFTDataError, collate, layout_windows, load_conversations,
-    pack_best_fit, parse_chatml, record_to_messages, split_validation, tokenize_conversations,
+    pack_best_fit, record_to_messages, split_validation, tokenize_conversations,
 )
 
 MULTI_TURN = [
@@ -98,7 +98,7 @@ def test_record_formats_give_the_same_conversation(tokenizer):
         assert record_to_messages(rec) == msgs, rec
     assert record_to_messages({"instruction": "Salut", "reponse": "Bonjour", "input": ""}) == [
         {"role": "user", "content": "Salut"}, {"role": "assistant", "content": "Bonjour"}]
-    assert parse_chatml(render(MULTI_TURN)) == MULTI_TURN
+    assert parse(render(MULTI_TURN)) == MULTI_TURN
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -109,7 +109,7 @@ def test_record_formats_give_the_same_conversation(tokenizer):
 ])
 def test_parse_chatml_rejects_malformed_text(text, reason):
     with pytest.raises(ValueError, match=reason):
-        parse_chatml(text)
+        parse(text)
 
 
 def test_malformed_jsonl_lines_are_reported_with_line_numbers(tmp_path):
