@@ -113,7 +113,8 @@ class Quickstart:
         heldout = self.data / "heldout.txt"
         cmds = [[PY, "-m", "apps.eval_data", "--make-fixtures", str(fixtures), "--text", str(heldout)]]
         for label, model in (("base", self.base), ("chat", self.chat)):
-            cmd = [PY, "-m", "apps.eval", "--model", str(model), "--data-dir", str(fixtures), "--limit", "8",
+            cmd = [PY, "-m", "apps.eval", "--model", str(model), "--tasks", "french_bench", "--data-dir", str(fixtures),
+                   "--limit", "8",
                    "--perplexity", str(heldout), "--label", label, "--out", str(self.out / "eval" / label)]
             if label == "chat":
                 cmd += ["--compare", str(self.out / "eval" / "base")]

@@ -19,11 +19,9 @@ from pathlib import Path
 import torch
 
 
-from rodin.checkpoint import (CONFIG_FILE, FORMAT, WEIGHTS_FILE, ModelInfo, from_hf_config, from_hf_name,
-                              load_state_dict, resolve_model_path)
+from rodin.checkpoint import inspect_model_dir, load_state_dict, resolve_model_path
 from rodin.config import ModelConfig
 from rodin.model import Transformer
-from rodin.tokenizer import TOKENIZER_FILE
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -34,13 +32,6 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.tie_embeddings:
         shapes.pop("lm_head.weight")
     return shapes
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-export or re-download the model") from e
 
 
 def _card_metadata(readme: Path) -> dict:
@@ -240,49 +231,12 @@ def open_source(path_or_id: str | os.PathLike, config: ModelConfig | None = None
             shapes = _check(path, info.cfg, {k: tuple(v.shape) for k, v in sd.items()})
             return ModelSource(info, shapes, {k: (lambda t=sd[k]: t) for k in shapes}, stack,
                                {k: sd[k].dtype for k in shapes})
-        if (path / CONFIG_FILE).is_file():
-            meta = _read_json(path / CONFIG_FILE)
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path / CONFIG_FILE}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
-            cfg = config or ModelConfig.from_dict(meta["model"])
-            weights = path / WEIGHTS_FILE
-            if not weights.is_file():
-                raise FileNotFoundError(f"{weights} is missing; the model directory is incomplete")
-            getters, shapes, dtypes, rows = _open_safetensors([weights], stack, lambda k, f: k)
-            tok = path / TOKENIZER_FILE
-            info = ModelInfo(cfg, "rodin", path, tok if tok.is_file() else None, meta.get("chat_template"),
-                             meta.get("metadata", {}))
-        elif (path / "config.json").is_file():
-            hf = _read_json(path / "config.json")
-            cfg = config or from_hf_config(hf, str(path / "config.json"))
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no *.safetensors weights next to config.json "
-                                        f"(PyTorch .bin HF checkpoints are not read: they are pickles)")
-
-            def rename(key: str, f: Path) -> str | None:
-                ours = from_hf_name(key)
-                if ours is None and not key.endswith("rotary_emb.inv_freq"):
-                    raise ValueError(f"{f}: unexpected tensor {key!r} for a Llama model")
-                return ours
-
-            getters, shapes, dtypes, rows = _open_safetensors(files, stack, rename)
-            template = None
-            tc = path / "tokenizer_config.json"
-            if tc.is_file():
-                template = _read_json(tc).get("chat_template")
-            if template is None and (path / "chat_template.jinja").is_file():
-                template = (path / "chat_template.jinja").read_text()
-            tok = path / TOKENIZER_FILE
-            card = _card_metadata(path / "README.md")
-            name = hf.get("_name_or_path") or path.name
-            cfg = cfg if config or cfg.name not in ("hf", "") else ModelConfig(**{**cfg.to_dict(), "name": name})
-            info = ModelInfo(cfg, "hf", path, tok if tok.is_file() else None, template, card)
-        elif (path / "checkpoint.json").is_file() or (path / "checkpoints").is_dir():
+        if (path / "checkpoint.json").is_file() or (path / "checkpoints").is_dir():
             return _open_training_checkpoint(path, config, stack)
-        else:
-            raise FileNotFoundError(f"{path}: neither {CONFIG_FILE} (rodin), config.json (HF) nor checkpoint.json "
-                                    f"(training checkpoint) found; not a model directory")
+        info, files, rename = inspect_model_dir(path, config)
+        getters, shapes, dtypes, rows = _open_safetensors(files, stack, rename)
+        if info.source == "hf":
+            info.metadata = _card_metadata(path / "README.md")
         order = _check(path, info.cfg, shapes)
         return ModelSource(info, order, getters, stack, dtypes, rows)
     except BaseException:

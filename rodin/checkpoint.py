@@ -14,11 +14,13 @@ exists twice in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,6 +260,20 @@ def load_state_dict(path_or_id: str | os.PathLike, config: ModelConfig | None = 
         cfg = config or _upstream_config(sd, raw_cfg if isinstance(raw_cfg, dict) else {}, path)
         tok = path.parent / TOKENIZER_FILE
         return sd, ModelInfo(cfg, "upstream", path, tok if tok.is_file() else None)
+    info, files, rename = inspect_model_dir(path, config)
+    sd = {}
+    for f in files:
+        for k, v in _load_safetensors([f]).items():
+            ours = rename(k, f)
+            if ours is not None:
+                sd[ours] = v
+    return sd, info
+
+
+def inspect_model_dir(path: Path, config: ModelConfig | None = None) -> tuple[ModelInfo, list[Path], Callable[[str, Path], str | None]]:
+    """What a model directory (ours or HF Llama) holds, without reading the weights: its
+    ModelInfo, its safetensors files and `rename(stored_name, file)`, which gives our parameter
+    name (None for tensors to skip) or raises on a tensor that does not belong to the model."""
     if (path / CONFIG_FILE).is_file():
         meta = _read_json(path / CONFIG_FILE)
         if meta.get("format") != FORMAT:
@@ -265,24 +281,26 @@ def load_state_dict(path_or_id: str | os.PathLike, config: ModelConfig | None = 
         cfg = config or ModelConfig.from_dict(meta["model"])
         if not (path / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{path / WEIGHTS_FILE} is missing; the model directory is incomplete")
-        sd = _load_safetensors([path / WEIGHTS_FILE])
         tok = path / TOKENIZER_FILE
-        return sd, ModelInfo(cfg, "rodin", path, tok if tok.is_file() else None, meta.get("chat_template"),
-                             meta.get("metadata", {}))
+        info = ModelInfo(cfg, "rodin", path, tok if tok.is_file() else None, meta.get("chat_template"),
+                         meta.get("metadata", {}))
+        return info, [path / WEIGHTS_FILE], lambda key, f: key
     if (path / "config.json").is_file():
-        cfg = config or from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
+        hf = _read_json(path / "config.json")
+        cfg = config or from_hf_config(hf, str(path / "config.json"))
+        if config is None and cfg.name == "hf":
+            cfg = dataclasses.replace(cfg, name=path.name)
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{path}: no *.safetensors weights next to config.json "
                                     f"(PyTorch .bin HF checkpoints are not loaded: they are pickles)")
-        sd = {}
-        for k, v in _load_safetensors(files).items():
-            ours = from_hf_name(k)
-            if ours is None:
-                if k.endswith("rotary_emb.inv_freq"):
-                    continue
-                raise ValueError(f"{path}: unexpected tensor {k!r} for a Llama model")
-            sd[ours] = v
+
+        def rename(key: str, f: Path) -> str | None:
+            ours = from_hf_name(key)
+            if ours is None and not key.endswith("rotary_emb.inv_freq"):
+                raise ValueError(f"{f}: unexpected tensor {key!r} for a Llama model")
+            return ours
+
         template = None
         tc = path / "tokenizer_config.json"
         if tc.is_file():
@@ -290,7 +308,7 @@ def load_state_dict(path_or_id: str | os.PathLike, config: ModelConfig | None = 
         if template is None and (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text()
         tok = path / TOKENIZER_FILE
-        return sd, ModelInfo(cfg, "hf", path, tok if tok.is_file() else None, template)
+        return ModelInfo(cfg, "hf", path, tok if tok.is_file() else None, template), files, rename
     raise FileNotFoundError(f"{path}: neither {CONFIG_FILE} (rodin) nor config.json (HF) found; not a model directory")
 
 
