@@ -195,7 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary (default 8000)")
     ap.add_argument("--model", default=None, help="model preset to pretrain (default: the recipe's, rodin-tiny)")
     ap.add_argument("--pretrain-recipe", default="tiny-cpu", help="training.pretrain recipe (default tiny-cpu)")
-    ap.add_argument("--pretrain-steps", type=int, default=1200, help="pretraining steps (default 1200)")
+    ap.add_argument("--pretrain-steps", type=int, default=800, help="pretraining steps (default 800)")
     ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a pretraining setting, e.g. optim.lr=2e-3 (repeatable)")
     ap.add_argument("--sft-recipe", default="sft-tiny-cpu", help="training.sft recipe (default sft-tiny-cpu)")

@@ -1,10 +1,11 @@
 """Decode speed at the rodin-1b shape on CPU: rodin against `transformers` generate.
 
 Same random weights (bf16, as released), same prompt, same machine, same run. rodin runs
-in the dtype `rodin.checkpoint.default_dtype` picks for the device (fp32 on CPU: an exact
-upcast of the bf16 weights, because PyTorch's bf16 matrix-vector product is slow on CPU);
+in the dtype `rodin.checkpoint.default_dtype` picks for bf16 weights on this CPU (bf16 with
+native bf16 kernels, else fp32: an exact upcast), and also in the other dtype for reference;
 transformers runs the bf16 weights as loaded. The memory-bandwidth bound (bytes of weights
-read per token / measured copy bandwidth) is printed next to each figure.
+read per token / the read bandwidth of a large fp32 matrix-vector product, the pattern of
+decoding) is printed next to each figure.
 
     python benchmarks/decode.py                 # rodin-1b shape, 32 new tokens
     python benchmarks/decode.py --preset rodin-tiny --new-tokens 64
@@ -23,14 +24,15 @@ from rodin.generate import generate_token_ids
 from rodin.model import Transformer
 
 
-def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
-    """Read bandwidth measured by summing a large fp32 buffer (the pattern of a matrix-vector product)."""
-    x = torch.ones(size_mb * 2**20 // 4)
-    x.sum()
+def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 10) -> float:
+    """Read bandwidth of a large fp32 matrix-vector product (what decoding does with each weight)."""
+    w = torch.randn(size_mb * 2**20 // 4 // 8192, 8192)
+    x = torch.randn(8192)
+    torch.mv(w, x)
     t = time.perf_counter()
     for _ in range(repeats):
-        x.sum()
-    return repeats * x.numel() * 4 / (time.perf_counter() - t) / 1e9
+        torch.mv(w, x)
+    return repeats * w.numel() * 4 / (time.perf_counter() - t) / 1e9
 
 
 def random_bf16_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -95,7 +97,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--hf-new-tokens", type=int, default=12, help="transformers is slow; fewer tokens suffice")
     ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--skip-bf16", action="store_true", help="do not time rodin in bf16")
+    ap.add_argument("--skip-other-dtype", action="store_true", help="time rodin in its default dtype only")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = ModelConfig.from_name(args.preset)
@@ -105,12 +107,13 @@ def main() -> None:
     bw = memory_bandwidth_gbs()
     params = cfg.num_parameters()
     rows = []
-    dtype = default_dtype("cpu")
+    dtype = default_dtype("cpu", torch.bfloat16)
     tps, pre = time_rodin(sd, cfg, prompt, args.new_tokens, dtype)
     rows.append((f"rodin ({str(dtype).removeprefix('torch.')}, default)", tps, pre, params * dtype.itemsize))
-    if not args.skip_bf16 and dtype != torch.bfloat16:
-        tps_bf16, pre_bf16 = time_rodin(sd, cfg, prompt, max(8, args.new_tokens // 2), torch.bfloat16)
-        rows.append(("rodin (bfloat16)", tps_bf16, pre_bf16, params * 2))
+    if not args.skip_other_dtype:
+        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+        tps_o, pre_o = time_rodin(sd, cfg, prompt, max(8, args.new_tokens // 2), other)
+        rows.append((f"rodin ({str(other).removeprefix('torch.')})", tps_o, pre_o, params * other.itemsize))
     hf_tps, hf_pre = time_transformers(sd, cfg, prompt, args.hf_new_tokens)
     rows.append(("transformers generate (bfloat16)", hf_tps, hf_pre, params * 2))
     print(f"measured read bandwidth: {bw:.1f} GB/s")

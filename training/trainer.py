@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rodin.checkpoint import cpu_has_native_bf16
 from rodin.config import ModelConfig
 from training.checkpointing import CheckpointManager, verify_checkpoint
 from training.config import TrainerConfig, save_config, to_dict
@@ -111,15 +112,6 @@ def lr_at(step: int, optim, max_steps: int) -> float:
     if optim.schedule != "cosine":
         raise ValueError(f"optim.schedule must be cosine, linear or constant, not {optim.schedule!r}")
     return floor + (optim.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on x86 CPUs with AVX512-BF16 or AMX, where bf16 matmuls run several times faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rodin.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, from_hf_config, load_model, load_tokenizer, save_model,
-                              to_hf_config, to_hf_name)
+from rodin.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, cpu_has_native_bf16, default_dtype, from_hf_config, load_model,
+                              load_tokenizer, save_model, to_hf_config, to_hf_name)
 from rodin.config import ModelConfig
 from rodin.model import Transformer
 from tests.fixtures import debug_config
@@ -74,13 +74,16 @@ def test_upstream_bare_state_dict_with_compiled_prefix(tmp_path, reference, idx)
     assert load_model(tmp_path / "odd.pt", config=odd.cfg)[1].cfg.ffn_dim == 100
 
 
-def test_bf16_weights_load_in_fp32_on_cpu_exactly(tmp_path, reference):
-    out = save_model(reference, tmp_path / "bf16", dtype=torch.bfloat16)
-    model, _ = load_model(out)
-    assert model.tok_emb.weight.dtype == torch.float32
-    assert torch.equal(model.tok_emb.weight, reference.tok_emb.weight.to(torch.bfloat16).float())
-    model16, _ = load_model(out, dtype=torch.bfloat16)
-    assert model16.tok_emb.weight.dtype == torch.bfloat16
+def test_runtime_dtype_never_changes_results_beyond_the_stored_precision(tmp_path, reference):
+    assert default_dtype("cpu", torch.float32) == torch.float32 and default_dtype("cuda") == torch.bfloat16
+    model, _ = load_model(save_model(reference, tmp_path / "fp32"))
+    assert model.tok_emb.weight.dtype == torch.float32  # fp32 weights are never rounded
+    model, _ = load_model(save_model(reference, tmp_path / "bf16", dtype=torch.bfloat16))
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert model.tok_emb.weight.dtype == expected == default_dtype("cpu", torch.bfloat16)
+    assert torch.equal(model.tok_emb.weight.float(), reference.tok_emb.weight.to(torch.bfloat16).float())
+    model32, _ = load_model(tmp_path / "bf16", dtype=torch.float32)
+    assert model32.tok_emb.weight.dtype == torch.float32
 
 
 def test_missing_model(tmp_path):
