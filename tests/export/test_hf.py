@@ -76,7 +76,7 @@ def test_default_bf16_tied_and_base(model_dir, tokenizer, tmp_path):
     # transformers re-ties lm_head to the bf16 embedding: same logits as our loader reading the export.
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
-    ours, info = load_model(out)
+    ours, info = load_model(out, dtype=torch.float32)  # the bf16 weights, upcast like transformers did
     assert info.source == "hf" and not info.is_chat
     ids = tokenizer.encode(FRENCH_TEXTS[2], bos=True)
     torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), atol=1e-5, rtol=1e-5)
