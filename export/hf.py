@@ -24,14 +24,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from rodin.chat import IM_END, IM_START
-from rodin.checkpoint import to_hf_config, to_hf_name
+from rodin.checkpoint import replace_dir, temp_dir_beside, to_hf_config, to_hf_name
 from rodin.tokenizer import Tokenizer
 from export.source import ModelSource, open_source
 
@@ -205,25 +204,6 @@ sources and is not aligned for safety beyond its training data. Verify what it s
 # ----------------------------------------------------------------------------- export
 
 
-def _atomic_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp creates 0700; give the usual directory mode
-    return tmp
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def hf_state_dict(src: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """HF-named tensors in `dtype` (tied lm_head left out: transformers re-ties it)."""
     return {to_hf_name(name): src.get(name).to(dtype).contiguous() for name in src.shapes}
@@ -257,7 +237,7 @@ def export_hf(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = 
             template = info.chat_template or jinja_template()
         meta = info.metadata or {}
         name = name or meta.get("name") or cfg.name
-        tmp = _atomic_dir(out)
+        tmp = temp_dir_beside(out)
         try:
             sd = hf_state_dict(src, DTYPES[dtype])
             save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -279,7 +259,7 @@ def export_hf(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = 
                               datasets=datasets if datasets is not None else list(meta.get("datasets") or []),
                               dtype=dtype, repo_id=repo_id)
             (tmp / "README.md").write_text(card)
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -348,12 +348,18 @@ def load_tokenizer(info_or_path: ModelInfo | str | os.PathLike) -> Tokenizer:
     return Tokenizer(path)
 
 
-def _atomic_dir(out_dir: Path) -> Path:
+def temp_dir_beside(out_dir: Path) -> Path:
+    """A new temporary directory next to `out_dir` (same filesystem, so it can be renamed into place)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)  # mkdtemp creates 0700; give the usual directory mode
+    return tmp
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move a completed directory into place, replacing `out_dir` if it exists."""
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -371,7 +377,7 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, *, tokenizer: Tok
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items()}
-    tmp = _atomic_dir(out_dir)
+    tmp = temp_dir_beside(out_dir)
     try:
         save_file(sd, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         meta = {"format": FORMAT, "model": model.cfg.to_dict(), "chat_template": chat_template,
@@ -382,8 +388,7 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, *, tokenizer: Tok
             if src.is_dir():
                 src = src / TOKENIZER_FILE
             shutil.copyfile(src, tmp / TOKENIZER_FILE)
-        tmp.chmod(0o755)  # mkdtemp creates 0700; a model directory is meant to be shared
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
