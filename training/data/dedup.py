@@ -17,8 +17,11 @@ a folder of cleaned `NNNNN.jsonl.gz` files written by the cleaning stage:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
+import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,7 @@ from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignatur
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.jsonl import JsonlReader
 from datatrove.utils.hashing import HashConfig
-from datatrove.utils.text import simplify_text
+from datatrove.utils.text import PUNCTUATION_TRANS, TextNormConfig, simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 _NORM_WS = re.compile(r"\s+")
@@ -39,6 +42,48 @@ _WORD = re.compile(r"\w+")
 def exact_key(text: str) -> int:
     """64-bit hash of the text, lower-cased with whitespace folded."""
     return xxhash.xxh64_intdigest(_NORM_WS.sub(" ", text.lower()).strip().encode("utf-8", "replace"))
+
+
+# Combining marks (category Mn) that datatrove's simplify_text drops one character at a time in
+# Python after NFD; str.translate drops the same characters at C speed (~0.05 s to build).
+_COMBINING_MARKS = {c: None for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Mn"}
+# PUNCTUATION_TRANS maps every punctuation character to a space; a character class does the same
+# replacement ~3x faster than str.translate with a dict on non-ASCII text.
+_PUNCTUATION_RE = re.compile("[" + "".join(re.escape(chr(c)) for c in PUNCTUATION_TRANS) + "]")
+assert set(PUNCTUATION_TRANS.values()) <= {ord(" ")}, "datatrove changed PUNCTUATION_TRANS"
+
+# NFD + dropping marks is done on runs of non-ASCII characters only: ASCII characters are
+# starters that decompose to themselves, so NFD of the text is the concatenation of NFD of the
+# pieces between them, and the few distinct runs (accented letters) are cached.
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _strip_marks(run: str) -> str:
+    return unicodedata.normalize("NFD", run).translate(_COMBINING_MARKS)
+
+
+def _strip_marks_match(m: re.Match) -> str:
+    return _strip_marks(m.group())
+
+
+def fast_simplify_text(text: str, config: TextNormConfig) -> str:
+    """`datatrove.utils.text.simplify_text` with the same result, faster on the default
+    configuration (lower-case, numbers, punctuation, whitespace, diacritics)."""
+    if config.norm_weekdays or config.norm_monthnames or not config.norm_unicode_diacritics:
+        return simplify_text(text, config)
+    from datatrove.utils.text import NUMBERS_PATTERN
+
+    if config.lowercase:
+        text = text.lower()
+    if config.norm_numbers:
+        text = NUMBERS_PATTERN.sub("0", text)
+    if config.remove_punctuation:
+        text = _PUNCTUATION_RE.sub(" ", text)
+    if config.norm_whitespace:  # same whitespace (str.isspace) as datatrove's r"\s+" on text.strip()
+        text = " ".join(text.split())
+    text = _NON_ASCII.sub(_strip_marks_match, text)
+    return text.strip()
 
 
 def minhash_config() -> MinhashConfig:
@@ -56,7 +101,7 @@ class FastMinhashSignature(MinhashDedupSignature):
     normalisation, signature and file format as datatrove's."""
 
     def get_shingles(self, text: str) -> np.ndarray:
-        words = self.word_tokenizer.word_tokenize(simplify_text(text, self.config.norm_config))
+        words = self.word_tokenizer.word_tokenize(fast_simplify_text(text, self.config.norm_config))
         n = self.config.n_grams
         if len(words) < n:
             return np.zeros((0, 1), dtype=np.uint64)
