@@ -60,7 +60,7 @@ class Quickstart:
             Stage("data", "French corpus, tokenizer, token shards, instruction set", self._data_cmds,
                   lambda: [self.data / n for n in ("train.bin", "val.bin", "tokenizer.model", "sft.jsonl")],
                   self._write_heldout),
-            Stage("pretrain", "pretraining rodin-tiny from scratch", self._pretrain_cmds,
+            Stage("pretrain", f"pretraining {args.model or 'rodin-tiny'} from scratch", self._pretrain_cmds,
                   lambda: [self.base / "model.safetensors"]),
             Stage("sft", "chat fine-tuning (loss on assistant replies only)", self._sft_cmds,
                   lambda: [self.chat / "model.safetensors"]),
@@ -154,7 +154,7 @@ class Quickstart:
         print(f"\n{'=' * 78}\n{header}", flush=True)
         t0 = time.perf_counter()
         for cmd in stage.commands():
-            print(f"$ {shlex.join(cmd[:1] and ['python'] + cmd[1:])}", flush=True)
+            print(f"$ {shlex.join(['python'] + cmd[1:])}", flush=True)
             proc = subprocess.run(cmd)
             if proc.returncode != 0:
                 raise SystemExit(f"stage '{stage.name}' failed (exit code {proc.returncode}) running:\n  "
