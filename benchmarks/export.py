@@ -123,7 +123,7 @@ def make_hf_dir(out: Path, tok_dir: Path) -> None:
     from rodin.checkpoint import to_hf_config, to_hf_name
     from rodin.config import ModelConfig
     from rodin.tokenizer import Tokenizer
-    from export.source import expected_shapes
+    from rodin.checkpoint import expected_shapes
 
     cfg = ModelConfig.from_name("rodin-1b")
     tok = Tokenizer(tok_dir)

@@ -19,19 +19,8 @@ from pathlib import Path
 import torch
 
 
-from rodin.checkpoint import inspect_model_dir, load_state_dict, resolve_model_path
+from rodin.checkpoint import check_shapes, inspect_model_dir, load_state_dict, resolve_model_path
 from rodin.config import ModelConfig
-from rodin.model import Transformer
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names and shapes for `cfg` (lm_head only when untied), in model order."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
 
 
 def _card_metadata(readme: Path) -> dict:
@@ -104,24 +93,6 @@ class ModelSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _check(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Compare stored shapes with the config; returns them in model order."""
-    expected = expected_shapes(cfg)
-    if cfg.tie_embeddings:
-        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the model config ({cfg.name}): missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}")
-    for k, shape in expected.items():
-        if tuple(shapes[k]) != shape:
-            raise ValueError(f"{path}: tensor {k} has shape {tuple(shapes[k])} but the config ({cfg.name}) expects "
-                             f"{shape}; the config and the weights do not belong together")
-    return expected
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -228,7 +199,7 @@ def open_source(path_or_id: str | os.PathLike, config: ModelConfig | None = None
         if path.is_file():
             # A pickle checkpoint: torch.load(mmap=True, weights_only=True) maps it without reading it.
             sd, info = load_state_dict(path, config)
-            shapes = _check(path, info.cfg, {k: tuple(v.shape) for k, v in sd.items()})
+            shapes = check_shapes(path, info.cfg, {k: tuple(v.shape) for k, v in sd.items()})
             return ModelSource(info, shapes, {k: (lambda t=sd[k]: t) for k in shapes}, stack,
                                {k: sd[k].dtype for k in shapes})
         if (path / "checkpoint.json").is_file() or (path / "checkpoints").is_dir():
@@ -237,7 +208,7 @@ def open_source(path_or_id: str | os.PathLike, config: ModelConfig | None = None
         getters, shapes, dtypes, rows = _open_safetensors(files, stack, rename)
         if info.source == "hf":
             info.metadata = _card_metadata(path / "README.md")
-        order = _check(path, info.cfg, shapes)
+        order = check_shapes(path, info.cfg, shapes)
         return ModelSource(info, order, getters, stack, dtypes, rows)
     except BaseException:
         stack.close()

@@ -181,23 +181,41 @@ def _load_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: Path, device, dtype) -> Transformer:
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes for `cfg` in model order (lm_head only when untied)."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-        expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def check_shapes(source: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Refuse stored tensors that do not match `cfg` (naming the file and the tensor);
+    returns the expected shapes in model order. A tied lm_head in `shapes` is ignored."""
+    expected = expected_shapes(cfg)
+    if cfg.tie_embeddings:
+        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the model config: missing {missing[:5]}"
+        raise ValueError(f"{source}: weights do not match the model config ({cfg.name}): missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''}")
     for k, shape in expected.items():
-        if tuple(sd[k].shape) != tuple(shape):
-            raise ValueError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)} but the config "
-                             f"({cfg.name}) expects {tuple(shape)}; the config and weights do not belong together")
+        if tuple(shapes[k]) != shape:
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(shapes[k])} but the config ({cfg.name}) "
+                             f"expects {shape}; the config and the weights do not belong together")
+    return expected
+
+
+def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: Path, device, dtype) -> Transformer:
+    check_shapes(source, cfg, {k: tuple(v.shape) for k, v in sd.items()})
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Transformer(cfg)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings:
